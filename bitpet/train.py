@@ -37,7 +37,8 @@ TASK_FILE = "task.bitpet"
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A copy of ``config`` with the task's adapter scale filled in and values validated."""
     config = ml_collections.ConfigDict(config.to_dict())
-    config.setdefault("data_source", "vtab")
+    if "data_source" not in config:
+        config.data_source = "vtab"
     sources.get_source(config.data_source).num_classes(config.task)  # unknown task -> error
     if config.split not in ("final", "tune"):
         raise ValueError(f"config.split={config.split!r}; valid values: ['final', 'tune'].")
@@ -115,7 +116,7 @@ def make_train_step(model, tx, schedule, frozen_sharding, mesh):
             "train_loss": loss,
             "train_accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
             "learning_rate": schedule(state["step"]),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
         }
         return new_state, metrics
 
