@@ -41,7 +41,9 @@ VARIANTS: dict[str, Variant] = {
     "L/16": Variant(16, 1024, 24, 16, 4096),
     # Tiny models for tests and the offline demo.
     "testing": Variant(4, 32, 2, 2, 64),
+    "tiny/16": Variant(16, 32, 2, 2, 64),  # smoke runs at the full 224 px
     "mini/4": Variant(4, 64, 4, 4, 128),
+    "micro/7": Variant(7, 48, 3, 3, 96),  # 28 px -> 4x4 patches: offline demo and benchmark
 }
 
 ADAPTERS = ("none", "adaptformer", "lora")
@@ -356,9 +358,11 @@ def materialize_params(model: VisionTransformer, params: dict) -> tuple[VisionTr
     rules = quantized_kernels(model)
     flat = param_names(params)
     out = {}
+    matched = 0
     for name, value in flat.items():
         match = next(((b, k) for rx, (b, k) in rules.items() if re.fullmatch(rx, name)), None)
         if match is not None:
+            matched += 1
             bits, blocks = match
             value = jnp.asarray(
                 quant.materialize(value, bits, blocks=blocks, std_mode=model.adapter.std_mode)
@@ -366,6 +370,11 @@ def materialize_params(model: VisionTransformer, params: dict) -> tuple[VisionTr
         elif model.adapter.bits == 16 and _is_adapter_kernel(name):
             value = jnp.asarray(np.asarray(value, np.float16).astype(np.float32))
         out[name] = value
+    if rules and not matched:  # e.g. {"params": ...} passed: nothing would be quantized
+        raise ValueError(
+            f"No parameter matches the model's quantized kernels {sorted(rules)}; pass the "
+            "model's 'params' collection (not the {'params': ...} variables dict)."
+        )
     return model.clone(materialized=True), unflatten(out)
 
 
