@@ -30,7 +30,11 @@ UNBIASED_EPS = 1e-5
 
 def check_bits(bits: int) -> int:
     """Returns ``bits`` as int or raises ValueError naming the supported widths."""
-    if isinstance(bits, bool) or int(bits) != bits or int(bits) not in SUPPORTED_BITS:
+    try:
+        valid = not isinstance(bits, bool) and int(bits) == bits and int(bits) in SUPPORTED_BITS
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
         raise ValueError(
             f"bits={bits!r} is not supported by the Gaussian-codebook quantizer; "
             f"allowed values are {list(SUPPORTED_BITS)} (use 16 or 32 for float adapters)."
@@ -162,6 +166,7 @@ def quantize(w: jax.Array, bits: int, blocks: int = 1, std_mode: str = "populati
 
 def _quantize_fwd(w, bits, blocks, std_mode):
     bits = check_bits(bits)
+    _check_std_mode(std_mode)
     cdt = _compute_dtype(w.dtype)
     wb = _blocked(jnp.asarray(w, cdt), blocks)
     mu, sigma, denom, centred, _ = _stats(wb, std_mode)

@@ -41,7 +41,11 @@ def test_every_method_and_task_resolves(method):
         config = train.resolve(vtab.get_config(f"{method},task={task}"))
         assert config.model.scale > 0
         kind, bits, h, trainable = vtab.METHODS[method]
-        assert (config.model.adapter, config.model.bits, config.trainable) == (kind, bits, trainable)
+        assert (config.model.adapter, config.model.bits, config.trainable) == (
+            kind,
+            bits,
+            trainable,
+        )
 
 
 def test_unknown_method_task_and_contradictions_fail_with_the_valid_list():
