@@ -114,7 +114,7 @@ def test_gradients_only_for_the_trainable_partition():
 
 
 def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted_run(tmp_path):
-    flags = ["--config.total_steps=400", "--config.checkpoint_every_steps=20",
+    flags = ["--config.total_steps=200", "--config.checkpoint_every_steps=10",
              "--config.eval_every_epochs=1000", "--config.log_every_steps=100"]  # fmt: skip
     ref = _run_main(tmp_path / "ref", "bi_lora,task=dtd", *flags)
     out, _ = ref.communicate(timeout=300)
@@ -133,7 +133,7 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted_run(tmp_path
     proc.wait()
     assert not (work / "results.json").exists()
     killed_at = resume.manager(str(work)).latest_step()
-    assert killed_at is not None and killed_at < 400
+    assert killed_at is not None and killed_at < 200
 
     again = _run_main(work, "bi_lora,task=dtd", *flags)
     out, _ = again.communicate(timeout=300)
@@ -198,8 +198,9 @@ def test_unprepared_dataset_fails_fast_with_instructions(tmp_path):
     start = time.time()
     proc = _run_main(tmp_path / "w", "bi_lora,task=dtd", "--config.mock_data=False",
                      f"--config.data_dir={tmp_path}/no_data")  # fmt: skip
-    out, _ = proc.communicate(timeout=60)
+    out, _ = proc.communicate(timeout=120)
     elapsed = time.time() - start
     assert proc.returncode != 0
     assert "tfds build" in out, out[-2000:]
-    assert elapsed < 30, f"took {elapsed:.1f}s"  # the offline TFDS retry loop takes ~200 s
+    # A generous bound: it only has to rule out the ~200 s offline retry loop of tfds.load.
+    assert elapsed < 60, f"took {elapsed:.1f}s"
