@@ -13,15 +13,15 @@ from jax.sharding import PartitionSpec as P
 
 def data_mesh() -> jax.sharding.Mesh:
     """A 1-D mesh over every device with the batch axis "data"."""
-    return jax.make_mesh(
-        (jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
-    )
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def shard_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
     """Places this process's part of a global batch on the "data" axis."""
     sharding = NamedSharding(mesh, P("data"))
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+    }
 
 
 def make_eval_step(model, mesh: jax.sharding.Mesh):

@@ -46,8 +46,10 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: dict):
     if step is None:
         return None, None
     abstract = jax.tree.map(
-        lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(
-            x.shape, x.dtype, sharding=getattr(x, "sharding", None)
+        lambda x: (
+            x
+            if isinstance(x, jax.ShapeDtypeStruct)
+            else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
         ),
         abstract_state,
     )

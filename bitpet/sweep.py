@@ -25,7 +25,9 @@ def group_means(accuracies: dict[str, float]) -> dict[str, float]:
     """Mean accuracy of each VTAB group present, and "average" = mean of the group means."""
     out = {}
     for group in ("natural", "specialized", "structured"):
-        accs = [accuracies[t] for t, s in vtab.TASKS.items() if s.group == group and t in accuracies]
+        accs = [
+            accuracies[t] for t, s in vtab.TASKS.items() if s.group == group and t in accuracies
+        ]
         if accs:
             out[group] = sum(accs) / len(accs)
     if out:
@@ -41,12 +43,17 @@ def markdown_table(results: dict[str, dict]) -> str:
     first = results[tasks[0]]
     sizes = [results[t].get("task_size_bytes") for t in tasks]
     head = ["Method", "Avg", "Natural", "Specialized", "Structured", *tasks]
+    groups = ("average", "natural", "specialized", "structured")
     row = [
         f"{first['method']} (bits={first['bits']}, h={first['h']}, head_bits={first['head_bits']})",
-        *(f"{means[g]:.1f}" if g in means else "-" for g in ("average", "natural", "specialized", "structured")),
+        *(f"{means[g]:.1f}" if g in means else "-" for g in groups),
         *(f"{accs[t]:.1f}" for t in tasks),
-    ]  # fmt: skip
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), "| " + " | ".join(row) + " |"]
+    ]
+    lines = [
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+        "| " + " | ".join(row) + " |",
+    ]
     if all(s is not None for s in sizes):
         lines.append(f"\nMean task-file size: {sum(sizes) / len(sizes) / 1024:.1f} KiB.")
     lines.append(

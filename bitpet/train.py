@@ -209,7 +209,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     evals = []
     if restored is not None:
         state, evals = restored, meta["evals"]
-        logging.info("Resumed from step %d (data position %d).", meta["step"], meta["data_position"])
+        logging.info(
+            "Resumed from step %d (data position %d).", meta["step"], meta["data_position"]
+        )
     start_step = int(state["step"])
 
     train_iter = TrainIterator(
@@ -228,7 +230,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
 
     def save(step):
-        resume.save(mngr, step, state, {"step": step, "data_position": train_iter.step, "evals": evals})
+        resume.save(
+            mngr, step, state, {"step": step, "data_position": train_iter.step, "evals": evals}
+        )
 
     def run_eval(step):
         result = evaluate.evaluate_split(
@@ -246,8 +250,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             state, metrics = train_step(state, frozen, batch, rng)
         window.append(metrics)
         progress(step)
-        if step % config.log_every_steps == 0 or step == total_steps or (
-            time.time() - last_line > config.progress_every_secs
+        if (
+            step % config.log_every_steps == 0
+            or step == total_steps
+            or (time.time() - last_line > config.progress_every_secs)
         ):
             scalars = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
             elapsed = time.time() - window_start
@@ -298,10 +304,12 @@ def _results(config, state, evals, n_train, task_bytes, dataset_version, start_t
         "variant": config.model.variant,
         "final_accuracy": final,
         "periodic_evals": evals,
-        "best_periodic_accuracy_original_protocol": best and {
-            "accuracy": best["accuracy"], "step": best["step"],
+        "best_periodic_accuracy_original_protocol": best
+        and {
+            "accuracy": best["accuracy"],
+            "step": best["step"],
             "note": "Best of the periodic test evaluations, as the original code reports it: "
-                    "selected on the test set, hence optimistic. final_accuracy is the honest number.",
+            "selected on the test set, hence optimistic. final_accuracy is the honest number.",
         },  # fmt: skip
         "trainable_parameters": n_train,
         "task_file": TASK_FILE if task_bytes is not None else None,
@@ -361,4 +369,3 @@ def _write_json(path: str, obj) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o))
     os.replace(tmp, path)
-

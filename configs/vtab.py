@@ -12,9 +12,10 @@ Methods: ``adaptformer`` and ``lora`` (float adapters, h=8 by default), ``bi_ada
 ``bi_lora`` (Gaussian-codebook QAT, 1 bit and h=32 by default, bits 1..8), ``linear`` (head
 only) and ``full`` (every parameter).
 
-The adapter scale s is the only per-task hyper-parameter. Unless set, it comes from the released
-1-bit values (``bitpet.scales.SCALES``, resolved when the run starts, so ``--config.task`` works): the h=1 column when h == 1, else the h=32 column; the "bihead" columns
-when the head is quantized. Float adapters use the same columns (no other values were
+The adapter scale s is the only per-task hyper-parameter. Unless set, it comes from the
+released 1-bit values (``bitpet.scales.SCALES``, resolved when the run starts, so
+``--config.task`` works): the h=1 column when h == 1, else the h=32 column; the "bihead"
+columns when the head is quantized. Float adapters use the same columns (no other values were
 released); override with ``scale=...``.
 """
 

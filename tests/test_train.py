@@ -38,8 +38,9 @@ def _env(**extra):
 
 
 def _run_main(workdir, config_arg, *flags, **popen):
-    cmd = [sys.executable, os.path.join(REPO, "main.py"), f"--config={REPO}/configs/vtab.py:{config_arg}",
-           f"--workdir={workdir}", *TINY_FLAGS, *flags]  # fmt: skip
+    config = f"--config={REPO}/configs/vtab.py:{config_arg}"
+    cmd = [sys.executable, os.path.join(REPO, "main.py"), config, f"--workdir={workdir}"]
+    cmd += [*TINY_FLAGS, *flags]
     return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **popen)  # fmt: skip
 
@@ -71,7 +72,9 @@ def test_cli_smoke_run_leaves_logs_checkpoint_and_results(tmp_path):
 
 @pytest.mark.parametrize("method", ["adaptformer", "lora", "bi_adaptformer", "linear", "full"])
 def test_every_method_trains_and_writes_results(tmp_path, method):
-    results = train.train_and_evaluate(tiny_config(f"{method},task=dtd", total_steps=2), str(tmp_path))
+    results = train.train_and_evaluate(
+        tiny_config(f"{method},task=dtd", total_steps=2), str(tmp_path)
+    )
     assert results["method"] == method and results["steps"] == 2
     assert os.path.exists(tmp_path / "results.json")
     assert resume.manager(str(tmp_path)).latest_step() == 2
@@ -95,7 +98,9 @@ def test_frozen_params_unchanged_and_no_optimizer_state_for_them(tmp_path):
 
     # The optimizer state holds moments for trainable leaves only.
     tx, _ = __import__("bitpet.optim", fromlist=["x"]).make_optimizer(resolved, 1, 3)
-    trainable, frozen = partition.split(train.init_params(model, resolved), partition.rules_for("adapters"))
+    trainable, frozen = partition.split(
+        train.init_params(model, resolved), partition.rules_for("adapters")
+    )
     opt_state = tx.init(trainable)
     n_opt = sum(x.size for x in jax.tree.leaves(opt_state) if x.ndim > 0)
     assert n_opt == 2 * partition.count(trainable)
@@ -108,7 +113,9 @@ def test_gradients_only_for_the_trainable_partition():
     params = train.init_params(model, config)
     trainable, frozen = partition.split(params, partition.rules_for("adapters"))
     batch = {"image": jnp.ones((2, 16, 16, 3)), "label": jnp.array([0, 1])}
-    grads = jax.grad(lambda t: train.loss_fn(model, t, frozen, batch, jax.random.PRNGKey(0))[0])(trainable)
+    grads = jax.grad(lambda t: train.loss_fn(model, t, frozen, batch, jax.random.PRNGKey(0))[0])(
+        trainable
+    )
     assert set(vit.param_names(grads)) == set(vit.param_names(trainable))
     assert all("lora" in n or n.startswith("head/") for n in vit.param_names(grads))
 
