@@ -6,10 +6,10 @@
 Any config value can be overridden with --config.key=value (see configs/vtab.py).
 """
 
+import importlib
+
 from absl import app, flags, logging
 from ml_collections import config_flags
-
-from bitpet import train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vtab.py:bi_lora.")
@@ -24,7 +24,21 @@ def main(argv):
 
     tf.config.set_visible_devices([], "GPU")  # tf.data only; keep accelerators for JAX
     logging.set_verbosity(logging.INFO)
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    entry_point = FLAGS.config.get("entry_point", "")  # e.g. "bitpet.demo:main" (configs/demo.py)
+    if entry_point:
+        module, _, name = entry_point.partition(":")
+        getattr(importlib.import_module(module), name)(FLAGS.config, FLAGS.workdir)
+    else:
+        config = FLAGS.config
+        # Fail fast on an unprepared dataset, before the heavier training imports.
+        from bitpet.data import sources
+
+        sources.get_source(config.get("data_source", "vtab")).dataset_version(
+            config.task, data_dir=config.get("data_dir") or None, mock_data=config.get("mock_data")
+        )
+        from bitpet import train
+
+        train.train_and_evaluate(config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
