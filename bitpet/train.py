@@ -96,8 +96,8 @@ def loss_fn(model, trainable, frozen, batch, rng):
     return loss.mean(), logits
 
 
-def make_train_step(model, tx, schedule, frozen_sharding, mesh):
-    """The jitted step ``(state, frozen, batch, rng) -> (state, metrics)``.
+def make_step_fn(model, tx, schedule):
+    """The (unjitted) step ``(state, frozen, batch, rng) -> (state, metrics)``.
 
     Only the trainable partition is differentiated: the backbone enters as a constant.
     """
@@ -120,9 +120,14 @@ def make_train_step(model, tx, schedule, frozen_sharding, mesh):
         }
         return new_state, metrics
 
+    return step_fn
+
+
+def make_train_step(model, tx, schedule, frozen_sharding, mesh):
+    """:func:`make_step_fn` jitted over ``mesh``: batch on "data", state replicated, donated."""
     repl = NamedSharding(mesh, P())
     return jax.jit(
-        step_fn,
+        make_step_fn(model, tx, schedule),
         in_shardings=(repl, frozen_sharding, NamedSharding(mesh, P("data")), repl),
         out_shardings=(repl, repl),
         donate_argnums=(0,),

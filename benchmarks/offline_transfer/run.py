@@ -44,7 +44,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
 from bitpet import checkpoints, demo, optim, partition, ptq, taskfile, train  # noqa: E402
 from bitpet.data import offline  # noqa: E402
@@ -188,18 +187,7 @@ def train_seeds(
     steps_per_epoch = max(len(data["label"]) // hp.batch_size, 1)
     tx, schedule = optim.make_optimizer(hp, steps_per_epoch, hp.total_steps)
 
-    def step_fn(state, frozen, batch, rng):  # bitpet.train.make_train_step's step
-        (loss, logits), grads = jax.value_and_grad(train.loss_fn, argnums=1, has_aux=True)(
-            model, state["params"], frozen, batch, jax.random.fold_in(rng, state["step"])
-        )
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        new = {
-            "params": optax.apply_updates(state["params"], updates),
-            "opt_state": opt_state,
-            "step": state["step"] + 1,
-        }
-        return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
-
+    step_fn = train.make_step_fn(model, tx, schedule)
     vstep = jax.jit(jax.vmap(step_fn, in_axes=(0, None, 0, 0)), donate_argnums=(0,))
     params0 = stack(trainables)
     state = {
@@ -217,7 +205,7 @@ def train_seeds(
         if i == 0:
             compiled = time.time()
         if i >= hp.total_steps - 10:
-            losses.append(np.asarray(metrics["loss"]))
+            losses.append(np.asarray(metrics["train_loss"]))
             gnorms.append(np.asarray(metrics["grad_norm"]))
     jax.block_until_ready(state)
     secs = time.time() - start
