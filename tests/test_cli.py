@@ -13,13 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from release_files import RELEASE
 
 from bitpet import cli, taskfile
 from bitpet.models import vit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RELEASE = "/work/shared/petl_vit_release/models_bin"
-AF32 = os.path.join(RELEASE, "adaptformer", "cifar-bit1-dim32.bin")
+AF32 = os.path.join(RELEASE, "models_bin", "adaptformer", "cifar-bit1-dim32.bin")
 needs_release = pytest.mark.skipif(not os.path.exists(AF32), reason="release files not found")
 
 
@@ -174,17 +174,7 @@ def test_ptq_and_export_with_a_stub_trainer(capsys, tmp_path, monkeypatch):
     assert np.array_equal(np.asarray(ref), np.asarray(seen["logits"]))
 
 
-def _has_trainer() -> bool:
-    try:
-        from bitpet.evaluate import evaluate_split  # noqa: F401
-        from bitpet.train import restore_trained  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _has_trainer(), reason="bitpet.train / bitpet.evaluate not available")
 def test_export_and_evaluate_a_real_run(capsys, tmp_path):
     sys.path.insert(0, REPO)
     from bitpet import train

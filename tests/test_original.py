@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from release_files import RELEASE
 
 from bitpet import original, taskfile
 from bitpet.models import vit
 
-RELEASE = "/work/shared/petl_vit_release"
 BINS = sorted(glob.glob(os.path.join(RELEASE, "models_bin", "*", "*.bin")))
 pytestmark = pytest.mark.skipif(not BINS, reason=f"release files not found under {RELEASE}")
 
