@@ -84,6 +84,16 @@ class AdapterSpec:
     dropout: float = 0.1
     std_mode: str = "population"
 
+    def bottleneck(
+        self, name: str, out_features: int, activation: bool, materialized: bool, dtype
+    ) -> Bottleneck:
+        """The adapter branch called ``name``: AdaptFormer (ReLU) or one LoRA branch."""
+        return Bottleneck(
+            self.hidden, out_features, bits=self.bits, blocks=self.blocks,
+            std_mode=self.std_mode, dropout=self.dropout, activation=activation,
+            materialized=materialized, dtype=dtype, name=name,
+        )  # fmt: skip
+
     def __post_init__(self):
         if self.kind not in ADAPTERS:
             raise ValueError(f"Unknown adapter {self.kind!r}; valid adapters: {list(ADAPTERS)}.")
@@ -111,19 +121,8 @@ class Attention(nn.Module):
         q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
         if self.adapter.kind == "lora":
             a = self.adapter
-            branch = dict(
-                hidden=a.hidden,
-                out_features=d,
-                bits=a.bits,
-                blocks=a.blocks,
-                std_mode=a.std_mode,
-                dropout=a.dropout,
-                activation=False,
-                materialized=self.materialized,
-                dtype=self.dtype,
-            )
-            dq = Bottleneck(name="lora_q", **branch)(x, train=train)
-            dv = Bottleneck(name="lora_v", **branch)(x, train=train)
+            dq = a.bottleneck("lora_q", d, False, self.materialized, self.dtype)(x, train=train)
+            dv = a.bottleneck("lora_v", d, False, self.materialized, self.dtype)(x, train=train)
             q = q + (a.scale * dq).reshape(q.shape).astype(q.dtype)
             v = v + (a.scale * dv).reshape(v.shape).astype(v.dtype)
         scores = jnp.einsum("...qhd,...khd->...hqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
@@ -174,18 +173,8 @@ class EncoderBlock(nn.Module):
             a = self.adapter
             # Parallel to the MLP, fed by the residual stream (not LN2's output), and bypassing
             # stochastic depth.
-            z = Bottleneck(
-                a.hidden,
-                x.shape[-1],
-                bits=a.bits,
-                blocks=a.blocks,
-                std_mode=a.std_mode,
-                dropout=a.dropout,
-                activation=True,
-                materialized=self.materialized,
-                dtype=self.dtype,
-                name="adaptformer",
-            )(x, train=train)
+            z = a.bottleneck("adaptformer", x.shape[-1], True, self.materialized, self.dtype)
+            z = z(x, train=train)
             out = out + (a.scale * z).astype(out.dtype)
         return out
 
