@@ -23,15 +23,10 @@ from __future__ import annotations
 
 import ml_collections
 
-from bitpet.scales import SCALES
+from bitpet.data.vtab import TASK_NAMES
 from configs.common import parse_arg
 
-TASKS = (
-    "cifar100", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397",
-    "patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy",
-    "clevr_count", "clevr_dist", "dmlab", "kitti", "dsprites_loc", "dsprites_ori",
-    "smallnorb_azi", "smallnorb_ele",
-)  # fmt: skip
+TASKS = TASK_NAMES  # the 19 VTAB-1k tasks, in the paper's order
 
 # method -> (adapter kind, default bits, default h, what is trained)
 METHODS = {
@@ -53,7 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   blocks=1, variant="B/16")  # fmt: skip
     if a.method not in METHODS:
         raise ValueError(f"Unknown method {a.method!r}; valid methods: {list(METHODS)}.")
-    if a.task not in SCALES:
+    if a.task not in TASKS:
         raise ValueError(f"Unknown task {a.task!r}; valid tasks: {list(TASKS)}.")
     adapter, bits, h, trainable = METHODS[a.method]
     bits = a.bits or bits
